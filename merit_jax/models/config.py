@@ -136,7 +136,8 @@ class ModelConfig:
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         rope_scaling = None
-        scaling = hf.get("rope_scaling")
+        # transformers 5 writes the scaling (and rope_theta) as "rope_parameters".
+        scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "llama3":
