@@ -90,7 +90,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -124,13 +124,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         cdt = to_dtype(cfg.compute_dtype)
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_kernel.value.astype(cdt))
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.k_kernel.value.astype(cdt))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_kernel.value.astype(cdt))
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_kernel[...].astype(cdt))
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.k_kernel[...].astype(cdt))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_kernel[...].astype(cdt))
         if cfg.attention_bias:
-            q_btnh = q_btnh + self.q_bias.value.astype(cdt)
-            k_btkh = k_btkh + self.k_bias.value.astype(cdt)
-            v_btkh = v_btkh + self.v_bias.value.astype(cdt)
+            q_btnh = q_btnh + self.q_bias[...].astype(cdt)
+            k_btkh = k_btkh + self.k_bias[...].astype(cdt)
+            v_btkh = v_btkh + self.v_bias[...].astype(cdt)
         q_btnh = apply_rope(q_btnh, positions_bt, inv_freq)
         k_btkh = apply_rope(k_btkh, positions_bt, inv_freq)
 
@@ -177,7 +177,7 @@ class Attention(nnx.Module):
             "bkgts,bskh->btkgh", probs_bkgts.astype(cdt), values_bskh.astype(cdt)
         )
         out_btnh = out_btkgh.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_kernel.value.astype(cdt))
+        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_kernel[...].astype(cdt))
         return out_btd, new_kv
 
 
@@ -194,10 +194,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_kernel.value.astype(cdt))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_kernel.value.astype(cdt))
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_kernel[...].astype(cdt))
+        up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_kernel[...].astype(cdt))
         return jnp.einsum(
-            "btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.down_kernel.value.astype(cdt)
+            "btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.down_kernel[...].astype(cdt)
         )
 
 
@@ -296,7 +296,7 @@ class Decoder(nnx.Module):
             positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-        x_btd = jnp.take(self.embed.value, tokens_bt, axis=0).astype(cdt)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(cdt)
         x_btd, new_cache = self._run_layers(x_btd, positions_bt, segment_ids_bt, inv_freq, cache)
         x_btd = self.final_norm(x_btd)
         if return_hidden:
@@ -310,11 +310,11 @@ class Decoder(nnx.Module):
             return jnp.einsum(
                 "btd,vd->btv",
                 x_btd,
-                self.embed.value.astype(cdt),
+                self.embed[...].astype(cdt),
                 preferred_element_type=jnp.float32,
             )
         return jnp.einsum(
-            "btd,dv->btv", x_btd, self.lm_head.value.astype(cdt), preferred_element_type=jnp.float32
+            "btd,dv->btv", x_btd, self.lm_head[...].astype(cdt), preferred_element_type=jnp.float32
         )
 
     def _run_layers(self, x_btd, positions_bt, segment_ids_bt, inv_freq, cache):
