@@ -139,6 +139,7 @@ def run_child(mode: str, tmp_path: Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_branch_steps_are_isolated(tmp_path):
     results = run_child("isolation", tmp_path)
     assert set(results) == {"k2_data2_model2_fsdp", "k4_data2"}
@@ -161,6 +162,7 @@ def test_branch_steps_are_isolated(tmp_path):
     assert "share devices" in results["k4_data2"][0]["negative_check"]
 
 
+@pytest.mark.slow
 def test_data_parallel_step_matches_one_device(tmp_path):
     results = run_child("data_parallel", tmp_path)
     assert set(results["diffs"]) == {"data2", "data2_fsdp", "data2_model2_fsdp"}

@@ -104,6 +104,22 @@ def test_resume_after_kill_between_checkpoints(uninterrupted, tmp_path):
     assert metric_steps(resumed.directory) == list(range(1, resumed.num_steps + 1))
 
 
+def test_waves_match_branch_alone(uninterrupted, tmp_path, caplog):
+    other = BranchSpec(index=0, tasks=TASKS[:1], budgets={"alpha": 100}, pad_id=0)
+    with caplog.at_level("INFO", logger="merit_jax.train"):
+        results = train_branches([other, SPEC], theta0(), tmp_path, CONFIG, progress=False)
+    assert "2 waves" in caplog.text
+    # The second wave runs on the same device with the same program.
+    assert "reusing the compiled step" in caplog.text
+    assert [r.index for r in results] == [0, 3]
+    assert all(r.finished for r in results)
+    assert results[0].num_steps < results[1].num_steps
+    expected = final_leaves(uninterrupted.directory)
+    got = final_leaves(results[1].directory)
+    for path, array in expected.items():
+        assert got[path].tobytes() == array.tobytes(), path
+
+
 def test_resume_with_other_settings_raises(tmp_path):
     train_branches([SPEC], theta0(), tmp_path, CONFIG, stop_at_step=3, progress=False)
     changed = CONFIG.replace(learning_rate=1e-3)

@@ -21,7 +21,7 @@ Metrics, written by process 0 to each branch directory:
     tensorboard/     the same scalars under "train/", for TensorBoard
 
 tokens_per_second divides the step's tokens by the wall time since the
-branch's previous step finished; branches of one wave share the controller,
+branch's previous step finished. Branches of one wave share the controller,
 so it is each branch's throughput while the others run too.
 
 NOTE: the code builds every array with ``jax.make_array_from_callback`` and
@@ -438,15 +438,8 @@ def _run_wave(
             pad_id=spec.pad_id,
             packing=config.packing,
         )
-        compile_start = time.perf_counter()
         branch_step = compile_branch_step(
             graphdef, host_params, placement.mesh, config, branch_step_count(data, config)
-        )
-        logger.info(
-            "%s: compiled the step for devices %s in %.1f s",
-            spec.name,
-            sorted(placement.device_ids),
-            time.perf_counter() - compile_start,
         )
         runs.append(_BranchRun(spec, placement, data, branch_step, config, out_dir, stop_at_step))
     if not runs:

@@ -17,12 +17,18 @@ The step is ``jax.jit`` over the parameters as a nested dict of arrays (the
 pure form of the ``nnx.split`` state), with the whole TrainState donated, so
 parameters and optimizer state are updated in place. The model is rebuilt
 with ``nnx.merge`` inside the traced function, which costs trace time only.
+The branch's number of steps and warmup steps are an argument, not compiled
+constants, so branches that run one after another on the same devices share
+one executable.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +43,8 @@ from merit_jax.models.decoder import Decoder
 from merit_jax.models.loss import masked_lm_loss
 from merit_jax.train.config import TrainConfig
 from merit_jax.train.mesh import batch_sharding, param_shardings, replicated
+
+logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
 _BATCH_DTYPES = {
@@ -80,8 +88,8 @@ def split_params(model: Decoder) -> tuple[nnx.GraphDef, Params]:
     return graphdef, nnx.to_pure_dict(params)
 
 
-def learning_rate_schedule(config: TrainConfig, num_steps: int) -> Schedule:
-    """Return lr(step): linear warmup from 0, then cosine, linear or no decay.
+def learning_rate(config: TrainConfig, step: Any, num_steps: Any, warmup: Any) -> jax.Array:
+    """Return the float32 learning rate of ``step``: linear warmup, then the decay.
 
     With w warmup steps and n steps in all: lr(s) = peak * s / w for s < w;
     after warmup, with p = min((s - w) / max(n - w, 1), 1) and
@@ -90,26 +98,30 @@ def learning_rate_schedule(config: TrainConfig, num_steps: int) -> Schedule:
         cosine:   end + (peak - end) * (1 + cos(pi * p)) / 2
         linear:   peak + (end - peak) * p
         constant: peak
+
+    ``step``, ``num_steps`` and ``warmup`` may be traced, so one compiled step
+    serves branches of any length.
     """
     peak = float(config.learning_rate)
     end = peak * float(config.min_learning_rate_ratio)
+    s = jnp.asarray(step, jnp.float32)
+    n = jnp.asarray(num_steps, jnp.float32)
+    w = jnp.asarray(warmup, jnp.float32)
+    warm = peak * s / jnp.maximum(w, 1.0)
+    progress = jnp.clip((s - w) / jnp.maximum(n - w, 1.0), 0.0, 1.0)
+    if config.schedule == "cosine":
+        decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    elif config.schedule == "linear":
+        decayed = peak + (end - peak) * progress
+    else:
+        decayed = jnp.full_like(s, peak)
+    return jnp.where(s < w, warm, decayed)
+
+
+def learning_rate_schedule(config: TrainConfig, num_steps: int) -> Schedule:
+    """Return lr(step) of a branch that trains ``num_steps`` steps; see :func:`learning_rate`."""
     warmup = config.warmup_for(num_steps)
-    decay_steps = max(num_steps - warmup, 1)
-    kind = config.schedule
-
-    def schedule(step: jax.Array) -> jax.Array:
-        s = jnp.asarray(step, jnp.float32)
-        warm = peak * s / max(warmup, 1)
-        progress = jnp.clip((s - warmup) / decay_steps, 0.0, 1.0)
-        if kind == "cosine":
-            decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-        elif kind == "linear":
-            decayed = peak + (end - peak) * progress
-        else:
-            decayed = jnp.full_like(s, peak)
-        return jnp.where(s < warmup, warm, decayed)
-
-    return schedule
+    return lambda step: learning_rate(config, step, num_steps, warmup)
 
 
 def decay_mask(params: Params) -> Params:
@@ -122,31 +134,31 @@ def decay_mask(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: TrainConfig, schedule: Schedule) -> optax.GradientTransformation:
-    """Return global-norm clipping (when set) followed by AdamW with ``schedule``."""
-    adamw = optax.adamw(
-        learning_rate=schedule,
-        b1=config.adam_b1,
-        b2=config.adam_b2,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-        mask=decay_mask,
-    )
-    if config.clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Return global-norm clipping (when set) and AdamW, without the learning rate.
+
+    These are the transforms of ``optax.adamw`` except its last one, the
+    scaling by -lr: the step applies that itself with :func:`learning_rate`,
+    so the branch length is an argument instead of a compiled constant.
+    """
+    transforms = [
+        optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+    ]
+    if config.clip_norm is not None:
+        transforms.insert(0, optax.clip_by_global_norm(config.clip_norm))
+    return optax.chain(*transforms)
 
 
 def make_step_fn(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
-    schedule: Schedule,
-    *,
-    vocab_chunk_size: int | None = None,
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """Return the (unjitted) step ``(state, batch) -> (state, metrics)``.
+    config: TrainConfig,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Return the (unjitted) step ``(state, batch, schedule) -> (state, metrics)``.
 
-    ``batch`` maps each of BATCH_KEYS to an [M, B, T] array. ``metrics`` contains
+    ``batch`` maps each of BATCH_KEYS to an [M, B, T] array, and ``schedule``
+    is int32 [2]: the branch's number of steps and warmup steps. ``metrics`` contains
     float32 scalars ``loss`` (mean over counted targets), ``grad_norm``
     (before clipping) and ``learning_rate`` (the one this update used), and
     int32 scalars ``targets`` and ``tokens`` (non-padding tokens).
@@ -160,13 +172,13 @@ def make_step_fn(
             micro["loss_mask"],
             segment_ids_bt=micro["segment_ids"],
             positions_bt=micro["positions"],
-            vocab_chunk_size=vocab_chunk_size,
+            vocab_chunk_size=config.vocab_chunk_size,
         )
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(
-        state: TrainState, batch: dict[str, jax.Array]
+        state: TrainState, batch: dict[str, jax.Array], schedule: jax.Array
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         params = state.params
 
@@ -188,11 +200,14 @@ def make_step_fn(
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sum, params)
 
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        lr = learning_rate(config, state.step, schedule[0], schedule[1])
+        # As optax.scale_by_learning_rate does: cast -lr to each update's dtype.
+        updates = jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, updates)
         new_params = optax.apply_updates(params, updates)
         metrics = {
             "loss": loss_sum / denominator,
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
-            "learning_rate": schedule(state.step).astype(jnp.float32),
+            "learning_rate": lr,
             "targets": count,
             "tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.int32),
         }
@@ -210,18 +225,18 @@ class BranchStep:
 
     mesh: Mesh
     optimizer: optax.GradientTransformation
-    schedule: Schedule
     state_shardings: TrainState
     batch_sharding: NamedSharding
     micro_batches: int
     micro_batch_size: int
     seq_len: int
-    compiled: Any  # jax.stages.Compiled
+    compiled: Any  # jax.stages.Compiled, shared by branches with the same program
+    schedule: Any = None  # int32 [2] on the mesh: the branch's steps and warmup steps
 
     def __call__(
         self, state: TrainState, batch: dict[str, jax.Array]
     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self.compiled(state, batch)
+        return self.compiled(state, batch, self.schedule)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         shape = (self.micro_batches, self.micro_batch_size, self.seq_len)
@@ -269,6 +284,25 @@ def state_shardings_for(
     )
 
 
+# Compiled steps by program: branches that run one after another on the same
+# mesh with the same settings reuse one executable. Bounded, because each
+# entry keeps an executable alive.
+_COMPILED: collections.OrderedDict[Any, BranchStep] = collections.OrderedDict()
+_COMPILED_MAX = 8
+
+# TrainConfig fields that do not change the compiled program.
+_HOST_FIELDS = dict(
+    warmup_steps=None,
+    warmup_fraction=0.0,
+    max_steps=None,
+    packing=True,
+    checkpoint_every=0,
+    keep_checkpoints=1,
+    seed=0,
+    devices_per_branch=None,
+)
+
+
 def compile_branch_step(
     graphdef: nnx.GraphDef,
     params: Params,
@@ -276,12 +310,34 @@ def compile_branch_step(
     config: TrainConfig,
     num_steps: int,
 ) -> BranchStep:
-    """Build the schedule, optimizer and shardings of one branch and compile its step.
+    """Return the compiled step of a branch of ``num_steps`` steps on ``mesh``.
 
     ``params`` may be arrays or ShapeDtypeStructs; only shapes and dtypes are
-    used. Raises ValueError when the micro-batch rows do not split evenly over
-    the mesh's "data" axis.
+    used. The number of steps and the warmup are arguments of the compiled
+    step, so a branch reuses the executable of an earlier branch with the
+    same program (graph, parameter shapes, mesh and optimizer settings).
+    Raises ValueError when the micro-batch rows do not split evenly over the
+    mesh's "data" axis.
     """
+    signature = tuple(
+        (jax.tree_util.keystr(path), np.shape(leaf), str(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    )
+    key = (graphdef, signature, mesh, config.replace(**_HOST_FIELDS))
+    cached = _COMPILED.get(key)
+    if cached is None:
+        cached = _compile(graphdef, params, mesh, config)
+        _COMPILED[key] = cached
+        if len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(key)
+        logger.info("reusing the compiled step for devices %s", _device_ids(mesh))
+    schedule = np.array([num_steps, config.warmup_for(num_steps)], dtype=np.int32)
+    return dataclasses.replace(cached, schedule=_place(schedule, replicated(mesh)))
+
+
+def _compile(graphdef: nnx.GraphDef, params: Params, mesh: Mesh, config: TrainConfig) -> BranchStep:
     data_size = int(mesh.shape["data"])
     if config.micro_batch_size % data_size:
         raise ValueError(
@@ -289,22 +345,18 @@ def compile_branch_step(
             f"which the {data_size} devices of the data axis cannot split evenly; make it a "
             "multiple of the data-axis size (or lower devices_per_branch)"
         )
-    schedule = learning_rate_schedule(config, num_steps)
-    optimizer = make_optimizer(config, schedule)
+    optimizer = make_optimizer(config)
     shardings = state_shardings_for(params, optimizer, mesh, fsdp=config.fsdp)
-    metrics_sharding = replicated(mesh)
     batch_shard = batch_sharding(mesh)
-    step_fn = make_step_fn(graphdef, optimizer, schedule, vocab_chunk_size=config.vocab_chunk_size)
     jitted = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_shard),
-        out_shardings=(shardings, metrics_sharding),
+        make_step_fn(graphdef, optimizer, config),
+        in_shardings=(shardings, batch_shard, replicated(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
     branch_step = BranchStep(
         mesh=mesh,
         optimizer=optimizer,
-        schedule=schedule,
         state_shardings=shardings,
         batch_sharding=batch_shard,
         micro_batches=config.micro_batches,
@@ -312,9 +364,17 @@ def compile_branch_step(
         seq_len=config.seq_len,
         compiled=None,
     )
+    start = time.perf_counter()
     branch_step.compiled = jitted.lower(
-        branch_step.abstract_state(params), branch_step.abstract_batch()
+        branch_step.abstract_state(params),
+        branch_step.abstract_batch(),
+        jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated(mesh)),
     ).compile()
+    logger.info(
+        "compiled the step for devices %s in %.1f s",
+        _device_ids(mesh),
+        time.perf_counter() - start,
+    )
     return branch_step
 
 
@@ -349,6 +409,10 @@ def place_batch(branch_step: BranchStep, arrays: dict[str, np.ndarray]) -> dict[
             )
         placed[key] = _place(array.reshape(shape), branch_step.batch_sharding)
     return placed
+
+
+def _device_ids(mesh: Mesh) -> list[int]:
+    return sorted(int(i) for i in mesh.device_ids.flat)
 
 
 def _place(array: Any, sharding: NamedSharding) -> jax.Array:
