@@ -198,3 +198,19 @@ def test_output_dtype_names():
     assert output_dtype("bfloat16") == ml_dtypes.bfloat16
     with pytest.raises(ValueError, match="float64"):
         output_dtype("float64")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (np.float32, True),
+        (np.float16, True),
+        (ml_dtypes.bfloat16, True),
+        (ml_dtypes.float8_e4m3fn, True),
+        (np.int64, False),
+        (np.uint8, False),
+        (np.bool_, False),
+    ],
+)
+def test_is_float_dtype(dtype, expected):
+    assert operators.is_float_dtype(dtype) is expected

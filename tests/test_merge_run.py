@@ -317,11 +317,13 @@ def test_missing_branch_and_bad_branch_json(run, tmp_path):
         merge_run(plan_path)
 
     text = "\n".join(raised.value.problems)
-    assert "branch 0" in text and "missing key tokens" in text
+    assert "branch 0 (" in text
+    assert "missing key tokens" in text
     assert "missing key theta0_sha256 or theta0_hash" in text
     assert "records branch 3, but it lies in branches/0" in text
-    assert "branch 1" in text and "not valid JSON" in text
-    assert "branch 2" in text and "never trained" in text
+    assert "branch 1 (" in text
+    assert "not valid JSON" in text
+    assert "never trained" in text
     assert "final is not an orbax checkpoint or is missing" in text
 
 
@@ -465,6 +467,35 @@ def test_export_loads_in_transformers_with_same_logits(run, tmp_path):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer("w0 w5")["input_ids"] == [3, 8]
+
+
+def test_bfloat16_export_files(run, tmp_path):
+    from safetensors import safe_open
+
+    from merit_jax.models.export import export_hf
+
+    _, plan_path, params = run
+    config = tiny_config()
+    theta0 = export_hf(
+        decoder_from_params(config, random_params(config, 0)), tiny_tokenizer(), tmp_path / "t0"
+    )
+
+    result = merge_run(
+        plan_path,
+        dtype="bfloat16",
+        out_dir=tmp_path / "merged",
+        export_hf=tmp_path / "hf",
+        theta0=theta0,
+    )
+
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["torch_dtype"] == "bfloat16"
+    merged = flatten(load_params(result.checkpoint_dir))
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="np") as handle:
+        embed = handle.get_tensor("model.embed_tokens.weight")
+    assert embed.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(embed, merged[("embed",)])
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
 def test_export_rejects_theta0_of_other_shape(run, tmp_path):
