@@ -58,7 +58,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projection bias (True for Qwen2)
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # a list in config.json is stored as a tuple
     # Numerics and layout switches; not part of the checkpoint.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -91,6 +91,10 @@ class ModelConfig:
             )
         to_dtype(self.param_dtype)
         to_dtype(self.compute_dtype)
+        # A list would make the config, and every NNX GraphDef holding it, unhashable,
+        # which breaks its use as a static jax.jit argument.
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -211,7 +215,11 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": (
+                list(self.eos_token_id)
+                if isinstance(self.eos_token_id, tuple)
+                else self.eos_token_id
+            ),
             "torch_dtype": self.param_dtype,
         }
         if self.model_type == "llama":
