@@ -169,7 +169,9 @@ def write_final(directory: str | Path, params: Any, info: Mapping[str, Any]) -> 
         shutil.rmtree(final)
     start = time.perf_counter()
     # PyTreeCheckpointer saves synchronously: final/ is complete when save returns.
-    ocp.PyTreeCheckpointer().save(final, args=ocp.args.PyTreeSave(params))
+    # Uncompressed, because the merge reads every branch's final/ leaf by leaf and
+    # zstd decompression dominated its time (benchmarks/merge.py).
+    ocp.PyTreeCheckpointer(use_compression=False).save(final, args=ocp.args.PyTreeSave(params))
     if jax.process_index() == 0:
         text = json.dumps(dict(info), indent=2, sort_keys=True, allow_nan=False) + "\n"
         write_atomic(info_path, text.encode("utf-8"), overwrite=False)
