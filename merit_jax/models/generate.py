@@ -73,31 +73,9 @@ def select_tokens(
 # --------------------------------------------------------------------------- jitted steps
 
 
-class _StaticGraph:
-    """A GraphDef usable as a static ``jax.jit`` argument.
-
-    A GraphDef hashes its modules' attributes, and a config holding a list (an
-    ``eos_token_id`` list from a Hugging Face config) makes that hash fail.
-    Equality still works, so such graphs fall back to a per-type hash.
-    """
-
-    def __init__(self, graphdef: nnx.GraphDef):
-        self.graphdef = graphdef
-        try:
-            self._hash = hash(graphdef)
-        except TypeError:
-            self._hash = hash(type(graphdef))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _StaticGraph) and self.graphdef == other.graphdef
-
-
-@partial(jax.jit, static_argnames=("graph", "cache_len", "greedy"))
+@partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy"))
 def _prefill(
-    graph: _StaticGraph,
+    graphdef: nnx.GraphDef,
     state: nnx.State,
     tokens_bp: jax.Array,
     positions_bp: jax.Array,
@@ -109,7 +87,7 @@ def _prefill(
     cache_len: int,
     greedy: bool,
 ) -> tuple[jax.Array, KVCache]:
-    model = nnx.merge(graph.graphdef, state)
+    model = nnx.merge(graphdef, state)
     cache = KVCache.empty(model.config, tokens_bp.shape[0], cache_len)
     hidden_bpd, cache = model(
         tokens_bp,
@@ -123,9 +101,9 @@ def _prefill(
     return select_tokens(logits_bv, key, temperature, top_p, greedy=greedy), cache
 
 
-@partial(jax.jit, static_argnames=("graph", "greedy"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
 def _decode_step(
-    graph: _StaticGraph,
+    graphdef: nnx.GraphDef,
     state: nnx.State,
     cache: KVCache,
     tokens_b: jax.Array,
@@ -136,7 +114,7 @@ def _decode_step(
     *,
     greedy: bool,
 ) -> tuple[jax.Array, KVCache]:
-    model = nnx.merge(graph.graphdef, state)
+    model = nnx.merge(graphdef, state)
     logits_b1v, cache = model(
         tokens_b[:, None],
         positions_bt=positions_b[:, None],
@@ -239,11 +217,10 @@ def generate(
     top_p_arr = jnp.float32(top_p)
     base_key = jax.random.key(seed)
     graphdef, state = nnx.split(model)
-    static_graph = _StaticGraph(graphdef)
 
     start = time.perf_counter()
     next_b, cache = _prefill(
-        static_graph,
+        graphdef,
         state,
         jnp.asarray(tokens_bp),
         jnp.asarray(positions_bp),
@@ -267,7 +244,7 @@ def generate(
             # tokens are dropped below. The cache has width + max_new_tokens slots,
             # and this step writes slot width + step - 1.
             next_b, cache = _decode_step(
-                static_graph,
+                graphdef,
                 state,
                 cache,
                 pending_b,
