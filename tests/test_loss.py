@@ -161,6 +161,22 @@ def test_micro_batch_accumulation_is_exact():
     np.testing.assert_allclose(float(sum(sums)), float(full_sum), rtol=1e-6)
 
 
+def test_model_loss_matches_logits_path():
+    config = _tiny_config(tie_word_embeddings=False)
+    model = init_decoder(config, seed=6)
+    rng = np.random.default_rng(6)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, size=(2, 8)))
+    loss_mask = jnp.asarray(rng.random((2, 8)) < 0.7)
+    segment_ids = jnp.array([[1] * 3 + [2] * 5, [1] * 6 + [0] * 2])
+    logits, _ = model(tokens, segment_ids_bt=segment_ids)
+    expected_sum, expected_count = masked_lm_loss_from_logits(
+        logits, tokens, loss_mask, segment_ids
+    )
+    got_sum, got_count = masked_lm_loss(model, tokens, loss_mask, segment_ids_bt=segment_ids)
+    assert int(got_count) == int(expected_count)
+    np.testing.assert_allclose(float(got_sum), float(expected_sum), rtol=1e-6)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("chunk", [5, 37, 64])
 def test_chunked_loss_matches_full_logits(tie, chunk):

@@ -72,6 +72,12 @@ def target_weights(
     return tokens_bt[:, 1:], counts_bt.astype(jnp.float32)
 
 
+def _sum_and_count(losses_bt: jax.Array, weights_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # where, not multiply: a masked position with an infinite loss must not give NaN.
+    sum_loss = jnp.sum(jnp.where(weights_bt > 0, losses_bt, 0.0))
+    return sum_loss, jnp.sum(weights_bt).astype(jnp.int32)
+
+
 def masked_lm_loss_from_logits(
     logits_btv: jax.Array,
     tokens_bt: jax.Array,
@@ -87,9 +93,7 @@ def masked_lm_loss_from_logits(
     """
     targets_bt, weights_bt = target_weights(tokens_bt, loss_mask_bt, segment_ids_bt)
     losses_bt = token_losses(logits_btv[:, :-1], targets_bt)
-    # where, not multiply: a masked position with an infinite loss must not give NaN.
-    sum_loss = jnp.sum(jnp.where(weights_bt > 0, losses_bt, 0.0))
-    return sum_loss, jnp.sum(weights_bt).astype(jnp.int32)
+    return _sum_and_count(losses_bt, weights_bt)
 
 
 def chunked_lm_loss_from_hidden(
@@ -158,8 +162,7 @@ def chunked_lm_loss_from_hidden(
         "btd,btd->bt", x_btd, target_rows_btd, preferred_element_type=jnp.float32
     )
     losses_bt = log_normalizer_bt - target_logits_bt
-    sum_loss = jnp.sum(jnp.where(weights_bt > 0, losses_bt, 0.0))
-    return sum_loss, jnp.sum(weights_bt).astype(jnp.int32)
+    return _sum_and_count(losses_bt, weights_bt)
 
 
 def masked_lm_loss(
@@ -178,12 +181,15 @@ def masked_lm_loss(
     (:func:`chunked_lm_loss_from_hidden`), which never builds the [B, T, V]
     logits; the result is the same up to float32 rounding.
     """
-    if vocab_chunk_size is None:
-        logits_btv, _ = model(tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt)
-        return masked_lm_loss_from_logits(logits_btv, tokens_bt, loss_mask_bt, segment_ids_bt)
     hidden_btd, _ = model(
         tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, return_hidden=True
     )
+    if vocab_chunk_size is None:
+        # Project only the T-1 positions that have a target: slicing the logits instead
+        # would pad and copy a [B, T, V] gradient in the backward pass.
+        targets_bt, weights_bt = target_weights(tokens_bt, loss_mask_bt, segment_ids_bt)
+        losses_bt = token_losses(model.logits(hidden_btd[:, :-1]), targets_bt)
+        return _sum_and_count(losses_bt, weights_bt)
     return chunked_lm_loss_from_hidden(
         model,
         hidden_btd,
