@@ -34,7 +34,6 @@ from merit_jax.data.batching import Batch, pack_rows, packed_batch
 from merit_jax.data.format import Truncation, tokenize_task
 from merit_jax.data.task import Example, Task
 from merit_jax.models.decoder import Decoder
-from merit_jax.models.generate import _StaticGraph
 from merit_jax.models.loss import target_weights, token_losses
 
 logger = logging.getLogger(__name__)
@@ -131,9 +130,9 @@ def prepare_held_out(
     )
 
 
-@partial(jax.jit, static_argnames=("graph",))
+@partial(jax.jit, static_argnames=("graphdef",))
 def _weighted_token_losses(
-    graph: _StaticGraph,
+    graphdef: nnx.GraphDef,
     state: nnx.State,
     tokens_bt: jax.Array,
     loss_mask_bt: jax.Array,
@@ -141,7 +140,7 @@ def _weighted_token_losses(
     positions_bt: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """Return the loss of every target, zero where it does not count, and the weights [B, T-1]."""
-    model = nnx.merge(graph.graphdef, state)
+    model = nnx.merge(graphdef, state)
     hidden_btd, _ = model(
         tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, return_hidden=True
     )
@@ -160,13 +159,12 @@ def task_loss_sums(
     lets callers score other weights (an interpolation, say) without building a
     module.
     """
-    graph = _StaticGraph(graphdef)
     num_tasks = len(data.task_names)
     sums = np.zeros(num_tasks, np.float64)
     counts = np.zeros(num_tasks, np.int64)
     for batch, ids_bt in zip(data.batches, data.task_ids, strict=True):
         losses_bt, weights_bt = _weighted_token_losses(
-            graph,
+            graphdef,
             state,
             jnp.asarray(batch.tokens),
             jnp.asarray(batch.loss_mask),

@@ -32,7 +32,6 @@ import numpy as np
 from flax import nnx
 
 from merit_jax.models.decoder import Decoder
-from merit_jax.models.generate import _StaticGraph
 from merit_jax.models.loss import token_losses
 
 logger = logging.getLogger(__name__)
@@ -75,12 +74,12 @@ class LoglikelihoodResult:
         return int(self.truncated.sum())
 
 
-@partial(jax.jit, static_argnames=("graph",))
+@partial(jax.jit, static_argnames=("graphdef",))
 def _target_logprobs(
-    graph: _StaticGraph, state: nnx.State, tokens_bt: jax.Array, segment_ids_bt: jax.Array
+    graphdef: nnx.GraphDef, state: nnx.State, tokens_bt: jax.Array, segment_ids_bt: jax.Array
 ) -> jax.Array:
     """Return log p(tokens[:, t + 1] | tokens[:, :t + 1]), float32 [B, T-1]."""
-    model = nnx.merge(graph.graphdef, state)
+    model = nnx.merge(graphdef, state)
     hidden_btd, _ = model(tokens_bt, segment_ids_bt=segment_ids_bt, return_hidden=True)
     # The last position predicts nothing, so only T-1 positions are projected to logits.
     return -token_losses(model.logits(hidden_btd[:, :-1]), tokens_bt[:, 1:])
@@ -146,7 +145,6 @@ def score_requests(
         by_bucket.setdefault(bucket, []).append(index)
 
     graphdef, state = nnx.split(model)
-    graph = _StaticGraph(graphdef)
     start = time.perf_counter()
     num_batches = 0
     shapes: list[tuple[int, int]] = []
@@ -163,7 +161,9 @@ def score_requests(
                 tokens_bt[row, : len(sequence)] = sequence
                 segment_ids_bt[row, : len(sequence)] = 1
             logprobs_bt = np.asarray(
-                _target_logprobs(graph, state, jnp.asarray(tokens_bt), jnp.asarray(segment_ids_bt))
+                _target_logprobs(
+                    graphdef, state, jnp.asarray(tokens_bt), jnp.asarray(segment_ids_bt)
+                )
             )
             for row, index in enumerate(chunk):
                 # Position t predicts token t + 1, so the continuation's c tokens at
