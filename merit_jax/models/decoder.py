@@ -194,11 +194,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_kernel[...].astype(cdt))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_kernel[...].astype(cdt))
-        return jnp.einsum(
-            "btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.down_kernel[...].astype(cdt)
-        )
+        b, t, d = x_btd.shape
+        # Matmuls on [B*T, D] rows: with [B, T, D] einsums, XLA:CPU wrote the [B, T, F]
+        # gradients transposed to contract over B and T, which made a float32 training
+        # step of the 135M model about 15% slower on a 2-core CPU.
+        x_rd = x_btd.reshape(b * t, d)  # R = B*T rows
+        gate_rf = x_rd @ self.gate_kernel[...].astype(cdt)
+        up_rf = x_rd @ self.up_kernel[...].astype(cdt)
+        out_rd = (jax.nn.silu(gate_rf) * up_rf) @ self.down_kernel[...].astype(cdt)
+        return out_rd.reshape(b, t, d)
 
 
 class Block(nnx.Module):
@@ -337,9 +341,15 @@ class Decoder(nnx.Module):
             x_btd, new_kv = scanned(x_btd, self.layers, layer_cache)
         else:
             graphdef, state = nnx.split(self.layers)
+            # Unstack every parameter once: its gradient is then one stack. Indexing a[i]
+            # per layer made the backward pass build and add a zero-padded [L, ...]
+            # gradient per layer (135M model: about 4x the step time and 12 GB).
+            leaves, treedef = jax.tree.flatten(state)
+            layer_leaves = [jnp.unstack(leaf) for leaf in leaves]
             new_k, new_v = [], []
             for i in range(cfg.num_hidden_layers):
-                block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                layer_state = jax.tree.unflatten(treedef, [per[i] for per in layer_leaves])
+                block = nnx.merge(graphdef, layer_state)
                 kv = None if layer_cache is None else (layer_cache[0][i], layer_cache[1][i])
                 run = nnx.remat(step) if cfg.remat else step
                 x_btd, kv_out = run(x_btd, block, kv)
