@@ -177,6 +177,30 @@ def test_model_loss_matches_logits_path():
     np.testing.assert_allclose(float(got_sum), float(expected_sum), rtol=1e-6)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_loss_gradients_same_in_every_layer_mode(remat):
+    # The unrolled layer loop and nnx.scan share one stacked parameter layout, so
+    # their loss gradients must agree leaf by leaf.
+    rng = np.random.default_rng(7)
+    tokens = jnp.asarray(rng.integers(0, 37, size=(2, 9)))
+    loss_mask = jnp.asarray(rng.random((2, 9)) < 0.8)
+    grads = {}
+    for scan_layers in (True, False):
+        config = _tiny_config(scan_layers=scan_layers, remat=remat, num_hidden_layers=3)
+        graphdef, state = nnx.split(init_decoder(config, seed=7))
+
+        def loss_fn(state, graphdef=graphdef):
+            loss_sum, count = masked_lm_loss(nnx.merge(graphdef, state), tokens, loss_mask)
+            return loss_sum / count
+
+        grads[scan_layers] = jax.jit(jax.grad(loss_fn))(state)
+    for scanned, unrolled in zip(
+        jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False]), strict=True
+    ):
+        assert np.abs(np.asarray(scanned)).max() > 0
+        np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("chunk", [5, 37, 64])
 def test_chunked_loss_matches_full_logits(tie, chunk):
