@@ -164,6 +164,157 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- plan --------------------------------------------------------------------
+
+
+def _calibration_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated positive integers such as 4,8,16,32, got {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 1 or sizes != sorted(set(sizes)):
+        raise argparse.ArgumentTypeError(
+            f"must be increasing positive integers such as 4,8,16,32, got {text!r}"
+        )
+    return sizes
+
+
+def _add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "plan",
+        help="estimate task conflicts at theta0 and split the tasks into branches",
+        description=(
+            "Compute every training task's gradient at theta0, their cosine matrix, its PCA and "
+            "the partition into K = 2^r branches. Writes plan.json, sketches.npy, "
+            "similarity.npy, pca.npz, similarity.png and pca.png into the plan directory, and "
+            "one gradient file per task under gradients/, so an interrupted run resumes."
+        ),
+    )
+    parser.add_argument(
+        "config", metavar="CONFIG", help="run config YAML, e.g. configs/quickstart.yaml"
+    )
+
+    parser.add_argument(
+        "--out", metavar="DIR", default=None, help="plan directory (default: OUTPUT_DIR/plan)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. plan.calibration_size=8 (repeatable)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing plan in the plan directory"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and print what would run, without loading model or data",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--add",
+        metavar="CONFIG2",
+        default=None,
+        help=(
+            "extend the existing plan with more datasets: CONFIG2 is a mixture YAML of the new "
+            "datasets, or a run config whose mixture adds datasets to CONFIG's. Only the new "
+            "tasks' gradients are computed, and C is extended without recomputing it"
+        ),
+    )
+    mode.add_argument(
+        "--calibration-curve",
+        metavar="N,N,...",
+        type=_calibration_sizes,
+        default=None,
+        help=(
+            "instead of planning, measure the cosine between each task's gradient from N "
+            "examples and a reference gradient from disjoint examples, e.g. 4,8,16,32"
+        ),
+    )
+    parser.add_argument(
+        "--reference",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="examples per task in the calibration-curve reference gradient (default: 64)",
+    )
+    return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from merit_jax.conflict.partition import PartitionError
+    from merit_jax.conflict.plan import PlanError
+    from merit_jax.data.bigbench import UnknownTaskError
+    from merit_jax.runconfig import ConfigError
+
+    # Errors about the user's input carry the value and the fix: print them without
+    # a traceback. Any other exception is a bug and keeps its traceback.
+    try:
+        return _run_plan_command(args)
+    except (
+        ConfigError,
+        PlanError,
+        PartitionError,
+        UnknownTaskError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as error:
+        print(f"merit plan: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run_plan_command(args: argparse.Namespace) -> int:
+    from merit_jax.runconfig import describe, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(describe(config, out_dir=args.out))
+        return 0
+    progress = not args.no_progress
+    if args.calibration_curve is not None:
+        from merit_jax.conflict.calibration import CURVE_PLOT, format_curve, run_calibration_curve
+        from merit_jax.report.plan_plots import plot_calibration_curve
+
+        curve, out = run_calibration_curve(
+            config,
+            sizes=args.calibration_curve,
+            reference=args.reference,
+            out_dir=args.out,
+            progress=progress,
+        )
+        plot = plot_calibration_curve(
+            curve.sizes, curve.mean, curve.minimum, out / CURVE_PLOT, reference_size=curve.reference
+        )
+        print(format_curve(curve))
+        print(f"wrote {out / 'curve.json'} and {plot}")
+        return 0
+
+    from merit_jax.conflict import planner
+    from merit_jax.report.plan_plots import write_plan_plots
+
+    if args.add is not None:
+        outcome = planner.run_plan_add(
+            config, args.add, out_dir=args.out, progress=progress, plotter=write_plan_plots
+        )
+    else:
+        outcome = planner.run_plan(
+            config,
+            out_dir=args.out,
+            overwrite=args.overwrite,
+            progress=progress,
+            plotter=write_plan_plots,
+        )
+    print(planner.format_summary(outcome))
+    return 0
+
+
 # --- entry point -------------------------------------------------------------
 
 _SUBCOMMANDS: tuple[
@@ -175,6 +326,7 @@ _SUBCOMMANDS: tuple[
 ] = (
     (_add_fetch_parser, cmd_fetch),
     (_add_generate_parser, cmd_generate),
+    (_add_plan_parser, cmd_plan),
 )
 
 
