@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from merit_jax import __version__, assets
+from merit_jax.report import commands
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -298,11 +299,14 @@ def _run_plan_command(args: argparse.Namespace) -> int:
 
     from merit_jax.conflict import planner
     from merit_jax.report.plan_plots import write_plan_plots
+    from merit_jax.report.rundir import save_plan_config
 
     if args.add is not None:
         outcome = planner.run_plan_add(
             config, args.add, out_dir=args.out, progress=progress, plotter=write_plan_plots
         )
+        added = planner.added_datasets(config, args.add)
+        save_plan_config(config, outcome.out_dir, added=added)
     else:
         outcome = planner.run_plan(
             config,
@@ -311,6 +315,8 @@ def _run_plan_command(args: argparse.Namespace) -> int:
             progress=progress,
             plotter=write_plan_plots,
         )
+        # `merit train-branch` reads the mixture and train settings from this copy.
+        save_plan_config(config, outcome.out_dir, overwrite=args.overwrite)
     print(planner.format_summary(outcome))
     return 0
 
@@ -327,6 +333,10 @@ _SUBCOMMANDS: tuple[
     (_add_fetch_parser, cmd_fetch),
     (_add_generate_parser, cmd_generate),
     (_add_plan_parser, cmd_plan),
+    (commands.add_train_branch_parser, commands.cmd_train_branch),
+    (commands.add_merge_parser, commands.cmd_merge),
+    (commands.add_eval_parser, commands.cmd_eval),
+    (commands.add_run_parser, commands.cmd_run),
 )
 
 
@@ -363,6 +373,8 @@ def _configure_logging(verbosity: int) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("merit_jax").setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    # orbax logs every checkpoint save and restore at INFO through absl.
+    logging.getLogger("absl").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
