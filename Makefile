@@ -8,13 +8,15 @@ VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
 INSTALL_STAMP := $(VENV)/.install-stamp
 MERIT := $(VENV)/bin/merit
+# Run directory of `make quickstart`; runs/ is git-ignored.
+QUICKSTART_DIR ?= runs/quickstart
 # Lint only the source folders that exist in this checkout.
 LINT_PATHS := $(wildcard merit_jax tests benchmarks)
 
 .PHONY: help quickstart test lint bench fetch install clean distclean
 
 help:
-	@echo "make quickstart  set up, fetch the default model and data, generate one reply"
+	@echo "make quickstart  set up, fetch, then run MERIT end to end on configs/quickstart.yaml"
 	@echo "make test        set up, fetch, then ruff, mypy and the full pytest suite (CPU)"
 	@echo "make lint        ruff check, ruff format --check and mypy"
 	@echo "make bench       run benchmarks/train_step.py"
@@ -48,8 +50,10 @@ install: $(INSTALL_STAMP)
 fetch: install
 	$(MERIT) fetch
 
+# An interrupted quickstart resumes; a finished one (report.md exists) starts again.
 quickstart: fetch
-	$(MERIT) generate smollm2-135m-instruct "What is the capital of France?"
+	$(MERIT) run configs/quickstart.yaml --out $(QUICKSTART_DIR) \
+	  $(if $(wildcard $(QUICKSTART_DIR)/report.md),--overwrite)
 
 # CI machines have no accelerator: tests and lints run on the CPU backend.
 test lint: export JAX_PLATFORMS := cpu
