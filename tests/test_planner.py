@@ -209,7 +209,7 @@ def test_add_equals_full_recompute(tmp_path, theta0, archive):
     added = planner.run_plan_add(
         base_config, extra, out_dir=tmp_path / "inc", progress=False, theta0=theta0, archive=archive
     )
-    assert set(added.losses) == set(EXTRA)
+    assert set(added.losses) == set(BASE + EXTRA)
     full = plan_into(tmp_path / "full", theta0, archive, tasks=BASE + EXTRA)
 
     assert [t.name for t in added.plan.tasks] == BASE + EXTRA

@@ -533,6 +533,11 @@ def run_plan_add(
     files = write_plan_dir(out, plan, all_arrays, overwrite=True, plotter=plotter)
     seconds["plan and plots"] = time.perf_counter() - clock
     losses = {p.task.name: g.mean_loss for p, g in zip(added, gradients, strict=True)}
+    base_inputs = task_inputs([(p.task.name, p.calibration) for p in base], settings, theta0.pad_id)
+    for task in base_inputs:
+        stored = store.load(task.name, key=key, data_sha256=task.data_sha256)
+        if stored is not None:
+            losses[task.name] = stored.mean_loss
     return PlanOutcome(plan, all_arrays, losses, out, tuple(files), seconds)
 
 
