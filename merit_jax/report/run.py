@@ -82,6 +82,14 @@ class Resources:
     @property
     def theta0(self) -> Any:
         """theta0 as a ``merit_jax.models.pretrained.Pretrained`` with its tokenizer."""
+        return self.load_theta0()
+
+    def load_theta0(self) -> Any:
+        """Load theta0 unless loaded (timed as the stage "load model"); return it.
+
+        Stages call this before starting their own clock, so that loading the
+        model is not counted as their time.
+        """
         if self._theta0 is None:
             from merit_jax.models.pretrained import load_pretrained
 
@@ -193,6 +201,7 @@ def run_branches_stage(
     if all(_branch_finished(layout.branch_dir(k)) for k in range(plan.num_groups)):
         resources.clock.skip("branches", "every branch.json exists")
         return
+    resources.load_theta0()
     with resources.clock.stage("branches"):
         train_plan_branches(
             layout.plan_file, layout.root, resources, train_config, progress=progress
@@ -206,6 +215,8 @@ def run_merge_stage(layout: RunLayout, resources: Resources, settings: MergeSett
     if (layout.merged_dir / MERGE_JSON).is_file():
         resources.clock.skip("merge", f"{layout.merged_dir / MERGE_JSON} exists")
         return
+    if settings.export_hf:
+        resources.load_theta0()  # the export takes theta0's config and tokenizer
     with resources.clock.stage("merge"):
         export = layout.merged_hf_dir if settings.export_hf else None
         merge_run(
@@ -271,6 +282,7 @@ def run_joint_stage(
     if _branch_finished(layout.joint_dir / "branches" / "0"):
         resources.clock.skip("joint", "the joint baseline's branch.json exists")
         return
+    resources.load_theta0()
     with resources.clock.stage("joint"):
         plan_file = write_joint_plan(layout, plan, resources.config)
         train_plan_branches(plan_file, layout.joint_dir, resources, train_config, progress=progress)
@@ -288,6 +300,7 @@ def run_eval_stage(
         if set(names) <= set(report.get("models", {})):
             resources.clock.skip("eval", f"{done} covers every model")
             return report
+    resources.load_theta0()
     with resources.clock.stage("eval"):
         return evaluate_run(layout, resources, settings, names)
 
