@@ -150,17 +150,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from merit_jax.models.generate import generate_text
 
-    reply = generate_text(
-        args.model,
-        args.prompt,
-        chat=args.chat,
-        system=args.system,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        dtype=args.dtype,
-    )
+    # A model that cannot be found or read is the user's input: its error names the
+    # value and the fix, so print it without a traceback.
+    try:
+        reply = generate_text(
+            args.model,
+            args.prompt,
+            chat=args.chat,
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            dtype=args.dtype,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"merit generate: error: {error}", file=sys.stderr)
+        return 1
     print(reply)
     return 0
 

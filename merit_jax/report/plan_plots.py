@@ -88,7 +88,7 @@ def plot_similarity(
             ax.axhline(position - 0.5, color="black", linewidth=1.5)
             ax.axvline(position - 0.5, color="black", linewidth=1.5)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine (diagonal = 1, clipped)")
-    ax.set_title("Task gradient cosines at theta0, ordered by group [group]")
+    ax.set_title("Task gradient cosines at theta0, ordered by group (label suffix [k]: group k)")
     fig.tight_layout()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
