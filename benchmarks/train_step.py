@@ -2,27 +2,28 @@
 
 The model has SmolLM2-135M's dimensions (Llama, 30 layers, D 576, N 9, K 3,
 H 64, F 1536, V 49152, tied embeddings). The parent process writes one random
-initialization as safetensors, then runs each configuration in its own
-subprocess so that peak resident memory (``resource.getrusage``) is per
-framework:
+initialization as safetensors and starts one subprocess per configuration, so
+that each peak resident memory (``resource.getrusage``) is that run's own:
 
-- JAX, float32 parameters and compute: the step is ``jax.jit`` over the
-  ``nnx.split`` state with the parameters and optimizer state donated, optax AdamW;
+- JAX, float32 parameters and compute: ``jax.jit`` over the ``nnx.split``
+  state with the parameters and optimizer state donated, optax AdamW;
 - JAX, float32 parameters with bfloat16 compute (``--no-bf16`` skips it);
-- PyTorch with transformers' ``LlamaForCausalLM`` from the same weights,
+- PyTorch: transformers' ``LlamaForCausalLM`` from the same weights and
   ``torch.optim.AdamW`` with the same hyperparameters (``--no-torch`` skips it).
 
-All runs train on the same random batch, so their losses should agree; the
-report prints the largest loss difference of each run from JAX float32.
+The runs then take turns step by step, so that load from other processes
+falls on all of them alike. All train on the same random batch, so their
+losses should agree, and the report prints each run's largest loss
+difference from JAX float32.
 
 Achieved FLOP/s counts 6 * P + 12 * L * D * T floating-point operations per
-token (forward plus backward): P is the parameter count with the tied
-embedding counted once (it is a matmul in the LM head), and the second term is
-attention's two T x T matmuls per layer. Peak FLOP/s is a measured 2048^3
-matmul in JAX, float32 and bfloat16 inputs with float32 accumulation; MFU is
-achieved / peak of the compute dtype.
+token (forward plus backward). P is the parameter count with the tied
+embedding counted once, because the LM head uses it as a matmul. The second
+term is attention's two T x T matmuls per layer. Peak FLOP/s is a measured
+2048^3 matmul in JAX, float32 and bfloat16 inputs with float32 accumulation,
+and MFU is achieved / peak of the run's compute dtype.
 
-Usage: python benchmarks/train_step.py [--batch 4] [--seq 128] [--steps 5]
+Usage: python benchmarks/train_step.py [--batch 4] [--seq 128] [--steps 6]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-SMOLLM2_135M = dict(
+SMOLLM2_135M: dict[str, Any] = dict(
     model_type="llama",
     vocab_size=49152,
     hidden_size=576,
@@ -99,7 +100,7 @@ def _model_config(compute_dtype: str, scan_layers: bool, remat: bool) -> Any:
 # --------------------------------------------------------------------------- workers
 #
 # A worker builds its model and optimizer, prints one JSON line with its setup,
-# then runs one training step for every "step" line on stdin and answers with
+# then runs one training step for every "step" line on stdin and replies with
 # a JSON line of the step time and loss. "done" makes it print its peak RSS
 # and exit. The parent alternates steps between workers, so that load from
 # other processes on the machine falls on all frameworks alike.
