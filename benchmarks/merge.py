@@ -47,27 +47,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shapes import SMOLLM2_135M  # benchmarks/shapes.py, beside this script
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
 DEFAULT_VENV = Path.home() / ".cache" / "merit-jax" / "bench-venvs" / "mergekit"
 
-SMOLLM2_135M = dict(
-    model_type="llama",
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    rms_norm_eps=1e-5,
-    rope_theta=1e5,
-    max_position_embeddings=8192,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 OURS_HF = """
 import json, sys, time
